@@ -1,0 +1,1 @@
+"""Service core shared by the API and the worker: settings, database models, job state, storage."""
