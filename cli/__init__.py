@@ -1,0 +1,1 @@
+"""The `gralora` command: engine commands (train, check, validate-data) and service commands."""
