@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline Llama model and tokenizer."""
+"""Shared fixtures: a tiny offline Llama model and tokenizer; database and worker fixtures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 from gralora.tiny import build_tiny_model
+
+# Database fixtures (real Postgres) and worker fixtures (real Redis + Celery) live in their own
+# modules so that each stays small.
+pytest_plugins = ["tests.fixtures_db", "tests.fixtures_worker"]
 
 
 @pytest.fixture(scope="session")

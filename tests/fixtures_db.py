@@ -1,0 +1,1 @@
+"""Database fixtures: a fresh Postgres database per test session, migrated with Alembic."""
