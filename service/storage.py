@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 
 from service.settings import Settings, get_settings
@@ -26,8 +26,8 @@ def check_key(key: str) -> str:
     """Return `key` if it is a plain relative POSIX path, else raise InvalidStorageKey."""
     if not key or "\\" in key or "\x00" in key or key.startswith("/"):
         raise InvalidStorageKey(f"invalid storage key {key!r}")
-    parts = PurePosixPath(key).parts
-    if any(part in ("..", ".") for part in parts) or key.endswith("/"):
+    # Split by hand: PurePosixPath would silently drop "." and empty segments.
+    if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidStorageKey(f"invalid storage key {key!r}")
     return key
 
