@@ -41,7 +41,7 @@ def _producer_app(broker_url: str) -> Celery:
         # message never reached the broker.
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=False,
-        broker_transport_options=broker_transport_options(broker_url),
+        broker_transport_options={**broker_transport_options(broker_url), "max_retries": 0},
     )
     return app
 

@@ -1,0 +1,1 @@
+"""The REST API: FastAPI routes, schemas and auth over the service core."""
