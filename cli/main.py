@@ -22,9 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run the chosen command; returns the exit status."""
+    from gralora.errors import GraloraError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    status: int = args.handler(args)
+    try:
+        status: int = args.handler(args)
+    except GraloraError as error:
+        # One paragraph the user can act on; never a traceback for a bad input.
+        print(f"error ({error.code}): {error.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return status
 
 

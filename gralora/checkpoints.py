@@ -148,7 +148,7 @@ class AtomicCheckpointCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         """Finalize `<output_dir>/checkpoint-<step>` written by the Trainer just now."""
-        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        staged = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if not staged.is_dir():
             return
         final = finalize_checkpoint(staged, self.checkpoint_dir)

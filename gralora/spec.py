@@ -131,7 +131,8 @@ class AdapterSpec:
             r=self.rank,
             gralora_k=self.k,
             hybrid_r=self.hybrid_rank,
-            alpha=self.effective_alpha,
+            # peft annotates alpha as int but scales by it as a number; fractional alphas work.
+            alpha=self.effective_alpha,  # type: ignore[arg-type]
             gralora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             task_type="CAUSAL_LM",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import (
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -176,9 +177,10 @@ def training_arguments(training: TrainingSpec, checkpoint_dir: Path, *,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         seed=training.seed,
         data_seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
-        # Non-reentrant checkpointing works with frozen embeddings (PEFT) without extra hooks.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # transformers 5 renamed gradient_checkpointing. Non-reentrant checkpointing works with
+        # frozen embeddings (PEFT) without extra hooks.
+        activation_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=bf16_supported(),
         use_cpu=use_cpu,
         logging_strategy="steps",
@@ -225,6 +227,8 @@ def train_adapter(*, model: Any, tokenizer: Any, train_dataset: EncodedDataset,
         processing_class=tokenizer,
         callbacks=[reporter, canceller, saver],
     )
+    # With disable_tqdm the Trainer prints every log dict; ProgressReporter reports instead.
+    trainer.remove_callback(PrinterCallback)
     resumed_from_step = None
     if resume_from is not None:
         resumed_from_step = TrainerState.load_from_json(
