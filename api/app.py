@@ -29,6 +29,9 @@ HTTP_CODES = {
     429: "too_many_requests",
 }
 
+# What FastAPI says when reading a JSON body fails for a reason other than a syntax error.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 DESCRIPTION = """Train GraLoRA adapters over REST.
 
 Every route but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <key>`.
@@ -87,7 +90,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    if exc.status_code == 404:
+    if exc.status_code == 400 and message == FASTAPI_BODY_PARSE_ERROR:
+        # Not UTF-8, nested too deeply, a number too long to read...
+        code, message = "invalid_json", "the request body is not valid JSON"
+    elif exc.status_code == 404:
         message = f"no route {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"

@@ -1,10 +1,11 @@
 """Job service: build the full spec, create, read, list, cancel. Plain functions, no HTTP.
 
 k is chosen at submit time. For a local base model under the model roots, the model's
-config.json is read (no weights) through `gralora.preflight` when it is available, so k also
-divides every targeted layer size. For a hub model the sizes are unknown before the worker
-loads the config, so k is the paper's choice for the rank (`choose_k(rank, [])`); the worker's
-preflight checks divisibility again and fails the job with `preflight_failed` if it does not hold.
+config.json is read (no weights) through `gralora.preflight`, so k also divides every targeted
+layer size and target_modules is filled in. For a hub model the sizes are unknown before the
+worker loads the config, so k is the paper's choice for the rank (`choose_k(rank, [])`); the
+worker's preflight checks divisibility again and fails the job with `preflight_failed` if it
+does not hold.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ import base64
 import binascii
 import fnmatch
 import hashlib
-import importlib
 import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import and_, func, or_, select
@@ -31,6 +30,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gralora.errors import DatasetRefused, GraloraError, ModelUnavailable
+from gralora.pipeline import SourceOptions
+from gralora.preflight import preflight
+from gralora.sources import check_dataset_uri as check_engine_dataset_uri
 from gralora.spec import AdapterSpec, ExportSpec, TrainingSpec, choose_k
 from service.errors import (
     IdempotencyConflict,
@@ -50,7 +52,6 @@ MAX_PAGE_SIZE = 100
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "cancelling")
 # A hub id: "name" or "org/name", no path tricks.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-DATASET_SCHEMES = ("file", "http", "https", "s3", "hf")
 # Artifact names as the worker writes them (adapter, merged, lora, manifest...).
 ARTIFACT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -209,17 +210,8 @@ def check_base_model(base_model: str, settings: Settings) -> Path | None:
     return None
 
 
-def _optional(module: str, name: str) -> Callable[..., Any] | None:
-    """A function from an engine module that may not exist yet in this deployment."""
-    try:
-        return getattr(importlib.import_module(module), name, None)  # type: ignore[no-any-return]
-    except ImportError:
-        return None
-
-
-def _source_options(settings: Settings) -> Any:
-    from gralora.pipeline import SourceOptions
-
+def source_options(settings: Settings) -> SourceOptions:
+    """Where the service lets datasets come from (the engine's fetch options)."""
     return SourceOptions(
         cache_dir=settings.resolved_cache_dir,
         dataset_roots=settings.resolved_dataset_roots,
@@ -229,30 +221,13 @@ def _source_options(settings: Settings) -> Any:
     )
 
 
-def _basic_uri_check(uri: str, settings: Settings, field: str) -> None:
-    """Scheme and file-root checks, used when the engine's check is not installed."""
-    parts = urlsplit(uri)
-    if parts.scheme not in DATASET_SCHEMES:
-        raise DatasetRefused(f"{field} scheme {parts.scheme or '(none)'!r} is not allowed; use "
-                             f"one of {', '.join(DATASET_SCHEMES)}", field=field)
-    if parts.scheme == "file":
-        raw = unquote(parts.path)
-        if ".." in Path(raw).parts:
-            raise DatasetRefused(f"{field} must not contain '..'", field=field)
-        path = Path(raw).resolve()
-        if not any(path.is_relative_to(r) for r in settings.resolved_dataset_roots):
-            raise DatasetRefused(f"{field} {uri!r} is not under an allowed dataset root "
-                                 "(GRALORA_DATASET_ROOTS)", field=field)
-
-
 def check_dataset_uri(uri: str, settings: Settings, *, field: str) -> None:
-    """The cheap static check of a dataset URI (no fetch); errors name `field`."""
-    engine_check = _optional("gralora.sources", "check_dataset_uri")
+    """Refuse a dataset URI the worker could not or must not fetch (no download); names `field`.
+
+    Host names are resolved here, so a name that points at an internal address is refused.
+    """
     try:
-        if engine_check is not None:
-            engine_check(uri, _source_options(settings))
-        else:
-            _basic_uri_check(uri, settings, field)
+        check_engine_dataset_uri(uri, source_options(settings))
     except GraloraError as error:
         error.field = field
         raise
@@ -280,8 +255,7 @@ def build_spec(request: dict[str, Any], settings: Settings | None = None) -> dic
     if spec["validation_uri"]:
         check_dataset_uri(spec["validation_uri"], settings, field="validation_uri")
 
-    preflight = _optional("gralora.preflight", "preflight")
-    if local_model is not None and preflight is not None:
+    if local_model is not None:
         try:
             report = preflight(str(local_model), adapter,
                                model_roots=settings.resolved_model_roots)
