@@ -34,7 +34,8 @@ FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 DESCRIPTION = """Train GraLoRA adapters over REST.
 
-Every route but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <key>`.
+Every route but `/healthz`, `/readyz`, `/metrics`, `/docs` and `/openapi.json` needs
+`Authorization: Bearer <key>`.
 Errors always look like `{"error": {"code": "...", "message": "...", "field": "..."}}`.
 """
 

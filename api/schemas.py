@@ -12,8 +12,6 @@ from service.models import Artifact, Job, JobEvent
 
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=128,
                                               pattern=r"^[A-Za-z0-9_.\-*]+$")]
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 JOB_CREATE_EXAMPLE: dict[str, Any] = {
     "base_model": "/srv/models/SmolLM2-135M-Instruct",
@@ -55,8 +53,33 @@ class JobCreate(BaseModel):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     validation_uri: str | None = Field(None, min_length=1, max_length=2048)
     exports: list[Literal["merged", "lora"]] | None = Field(None, max_length=2)
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(
-        None, description="Up to 16 string pairs, echoed on the job.")
+    # Sizes are checked against GRALORA_MAX_METADATA_* by the service, so they stay settable.
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 string pairs (keys 1-64, values up to 512 characters), "
+                          "echoed on the job.")
+
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "0b6f3c2e-8f2a-4a57-9a55-3c1f7f0e2a11",
+    "status": "running",
+    "created_at": "2026-12-01T10:00:00Z",
+    "started_at": "2026-12-01T10:00:02Z",
+    "finished_at": None,
+    "spec": {
+        **{name: value for name, value in JOB_CREATE_EXAMPLE.items() if name != "metadata"},
+        "k": 2, "hybrid_rank": 0, "alpha": 64.0, "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"],
+        "epochs": 1.0, "learning_rate": 0.0002, "gradient_accumulation_steps": 1, "seed": 42,
+        "checkpoint_every_steps": None, "validation_uri": None,
+    },
+    "progress": {"step": 40, "total_steps": 200, "epoch": 0.4, "loss": 1.73,
+                 "learning_rate": 0.00019, "tokens_per_second": 5120.0,
+                 "trained_tokens": 163840, "eta_seconds": 96.0},
+    "error": None,
+    "attempt": 1,
+    "metadata": {"team": "search"},
+}
 
 
 class ErrorBody(BaseModel):
@@ -69,6 +92,12 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     """Every error response has this shape."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": {"code": "invalid_spec", "field": "k",
+                   "message": "rank 16 is not divisible by k=3; k must divide the rank "
+                              "(for rank 16: 1, 2, 4, 8, 16)"}},
+    ]})
 
     error: ErrorBody
 
@@ -88,6 +117,8 @@ class ProgressPublic(BaseModel):
 
 class JobPublic(BaseModel):
     """A job as clients see it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: uuid.UUID
     status: Literal["validating_files", "queued", "running", "cancelling", "succeeded",

@@ -114,10 +114,9 @@ CASES: list[Hostile] = [
     _typed("metadata-17-pairs", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     _typed("metadata-1000-pairs", {"metadata": {f"k{i}": "v" for i in range(1000)}},
            "metadata"),
-    _typed("metadata-long-value", {"metadata": {"a": "v" * 513}}, "metadata.a"),
-    _typed("metadata-long-key", {"metadata": {"k" * 65: "v"}}, "metadata.kkkkkkkkkkkkkkkkkkkk"
-           "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk.[key]"),
-    _typed("metadata-empty-key", {"metadata": {"": "v"}}, "metadata..[key]"),
+    _typed("metadata-long-value", {"metadata": {"a": "v" * 513}}, "metadata"),
+    _typed("metadata-long-key", {"metadata": {"k" * 65: "v"}}, "metadata"),
+    _typed("metadata-empty-key", {"metadata": {"": "v"}}, "metadata"),
     # Missing fields and bodies that are not a job request.
     _typed("missing-rank", {"rank": None}, "rank"),
     _typed("missing-base-model", {"base_model": None}, "base_model"),
@@ -194,7 +193,7 @@ CASES: list[Hostile] = [
     Hostile("metadata-lone-surrogate",
             content=b'{"base_model": "a/b", "dataset_uri": "file://{dataset}", "rank": 16, '
                     b'"metadata": {"a": "\\ud800"}}',
-            headers={"Content-Type": "application/json"}, status=422, field="metadata.a"),
+            headers={"Content-Type": "application/json"}, status=422, field="metadata"),
     Hostile("base-model-lone-surrogate",
             content=b'{"base_model": "a/\\udfff", "dataset_uri": "file://{dataset}", '
                     b'"rank": 16}',

@@ -173,6 +173,17 @@ def test_create_refuses_invalid_requests(api_client: TestClient, key: str,
     assert api_client.get("/jobs", headers=bearer(key)).json()["data"] == []
 
 
+def test_metadata_bounds_follow_the_settings(api_client: TestClient, key: str,
+                                            body: dict[str, Any],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    request = {**body, "metadata": {"note": "n" * 800}}
+    assert_error(api_client.post("/jobs", json=request, headers=bearer(key)), 422,
+                 "invalid_request", "metadata")
+
+    monkeypatch.setenv("GRALORA_MAX_METADATA_VALUE_LENGTH", "1000")
+    assert submit(api_client, key, request)["metadata"] == {"note": "n" * 800}
+
+
 def test_unknown_field_is_refused_by_name(api_client: TestClient, key: str,
                                           body: dict[str, Any]) -> None:
     # The typo wins over the missing field it was meant to be.
@@ -567,7 +578,8 @@ def test_health_ready_metrics_and_docs_need_no_key(api_client: TestClient, key: 
     schema = api_client.get("/openapi.json").json()
     create = schema["paths"]["/jobs"]["post"]
     assert create["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["components"]["schemas"]["JobCreate"]["examples"]
+    for name in ("JobCreate", "JobPublic", "ErrorResponse"):
+        assert schema["components"]["schemas"][name]["examples"], name
     assert set(create["responses"]) >= {"201", "401", "409", "413", "422", "429"}
 
 
