@@ -9,16 +9,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.routes import artifacts, health, jobs
 from gralora.errors import GraloraError
+from service.db import session_scope
 from service.errors import http_status_for
 from service.jobs import get_limits
+from service.keys import authenticate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,9 @@ HTTP_CODES = {
     413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request",
     429: "too_many_requests",
 }
+
+# Errors that mean the database cannot be reached (503), not that a request is wrong.
+DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError)
 
 # What FastAPI says when reading a JSON body fails for a reason other than a syntax error.
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
@@ -62,10 +69,33 @@ def _first_error(errors: Sequence[Any]) -> dict[str, Any]:
     return dict(errors[0]) if errors else {}
 
 
+def _key_refusal(request: Request) -> JSONResponse | None:
+    """The 401 (or 503) a request gets when its key does not work, else None."""
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("Authorization"))
+    try:
+        with session_scope() as session:
+            known = scheme.lower() == "bearer" and authenticate(session, credentials) is not None
+    except DATABASE_ERRORS:
+        return error_response(503, "database_unavailable",
+                              "the database is unreachable; retry in a few seconds",
+                              headers={"Retry-After": "5"})
+    if known:
+        return None
+    return error_response(401, "unauthorized", "the API key is missing, unknown or revoked",
+                          headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _invalid_json(request: Request) -> JSONResponse:
+    # FastAPI reads the body before it runs the key check, so check the key here: a caller
+    # without a working key learns nothing about how its body was read.
+    refusal = await run_in_threadpool(_key_refusal, request)
+    return refusal or error_response(400, "invalid_json", "the request body is not valid JSON")
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "invalid_json", "the request body is not valid JSON")
+        return await _invalid_json(request)
     if any(tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes)
            for e in errors):
         # FastAPI only parses JSON bodies sent as application/json; anything else stays bytes.
@@ -93,8 +123,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 400 and message == FASTAPI_BODY_PARSE_ERROR:
         # Not UTF-8, nested too deeply, a number too long to read...
-        code, message = "invalid_json", "the request body is not valid JSON"
-    elif exc.status_code == 404:
+        return await _invalid_json(request)
+    if exc.status_code == 404:
         message = f"no route {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
@@ -189,7 +219,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(GraloraError, _domain_error)  # type: ignore[arg-type]
-    for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
+    for db_error in DATABASE_ERRORS:
         app.add_exception_handler(db_error, _database_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected_error)

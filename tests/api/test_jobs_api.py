@@ -540,6 +540,22 @@ def test_missing_or_wrong_key_is_401(api_client: TestClient, headers: dict[str, 
         assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize("content", [b'{"rank": 16', b'{"base_model": "\xff"}',
+                                     b"[" * 30_000])
+def test_key_is_checked_before_the_body_is_judged(api_client: TestClient, key: str,
+                                                  content: bytes) -> None:
+    json_header = {"Content-Type": "application/json"}
+
+    anonymous = api_client.post("/jobs", content=content, headers=json_header)
+    wrong_key = api_client.post("/jobs", content=content,
+                                headers={**json_header, **bearer("glr_wrong")})
+    right_key = api_client.post("/jobs", content=content, headers={**json_header, **bearer(key)})
+
+    assert_error(anonymous, 401, "unauthorized")
+    assert_error(wrong_key, 401, "unauthorized")
+    assert_error(right_key, 400, "invalid_json")
+
+
 def test_revoked_key_is_401_at_once(api_client: TestClient, key: str, body: dict[str, Any],
                                     db_session: Session) -> None:
     job = submit(api_client, key, body)
@@ -624,6 +640,9 @@ def test_database_down_is_503_with_a_code(unreachable: Callable[[str], TestClien
                                   json=body if method == "POST" else None)
         assert_error(response, 503, "database_unavailable")
         assert response.headers["Retry-After"]
+    broken = client.post("/jobs", content=b"{", headers={**bearer(key),
+                                                         "Content-Type": "application/json"})
+    assert_error(broken, 503, "database_unavailable")
     assert client.get("/healthz").status_code == 200
 
 
