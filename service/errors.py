@@ -82,6 +82,13 @@ class DatabaseUnavailable(ServiceError):
     http_status = 503
 
 
+class ArtifactStoreUnavailable(ServiceError):
+    """The artifact store (folder or bucket) cannot be read right now."""
+
+    code = "artifact_store_unavailable"
+    http_status = 503
+
+
 # Engine errors raised while checking a request are the caller's to fix: 422.
 ENGINE_ERROR_STATUS = 422
 

@@ -19,7 +19,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -433,9 +433,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created_at = datetime.fromisoformat(data["t"])
         if created_at.tzinfo is None:
             raise ValueError("naive cursor time")
-        return created_at, uuid.UUID(data["id"])
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error,
-            UnicodeDecodeError, RecursionError) as exc:
+        # In UTC now: year 1 at +14:00 would overflow when the database layer converts it.
+        return created_at.astimezone(UTC), uuid.UUID(data["id"])
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, binascii.Error,
+            RecursionError) as exc:
         raise InvalidRequest("after is not a cursor returned by this API", field="after") from exc
 
 

@@ -304,6 +304,12 @@ CASES: list[Hostile] = [
         {"t": "2026-01-01T00:00:00", "id": str(uuid.uuid4())}))}, status=422, field="after"),
     Hostile("cursor-bad-id", "GET", "/jobs", params={"after": _b64(json.dumps(
         {"t": "2026-01-01T00:00:00+00:00", "id": "nope"}))}, status=422, field="after"),
+    Hostile("cursor-year-1-east-of-utc", "GET", "/jobs", params={"after": _b64(json.dumps(
+        {"t": "0001-01-01T00:00:00+14:00", "id": str(uuid.uuid4())}))}, status=422,
+        field="after"),
+    Hostile("cursor-year-9999-west-of-utc", "GET", "/jobs", params={"after": _b64(json.dumps(
+        {"t": "9999-12-31T23:59:59-14:00", "id": str(uuid.uuid4())}))}, status=422,
+        field="after"),
     Hostile("cursor-nul", "GET", "/jobs", params={"after": "\u0000"}, status=422,
             field="after"),
     Hostile("cursor-too-long", "GET", "/jobs", params={"after": "A" * 600}, status=422,

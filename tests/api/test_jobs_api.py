@@ -479,6 +479,26 @@ def raw_get(client: TestClient, path: str, headers: dict[str, str]) -> tuple[int
                             if m["type"] == "http.response.body")
 
 
+def test_unreachable_artifact_store_is_503(api_client: TestClient, key: str,
+                                           db_session: Session, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    job = insert_job(db_session, owner_of(db_session, key), status="succeeded")
+    store_artifact(db_session, job, "adapter", b"weights", tmp_path)
+    for name, value in {"GRALORA_ARTIFACTS_S3_BUCKET": "artifacts",
+                        "GRALORA_S3_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
+                        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    reset_service_caches()
+    try:
+        response = api_client.get(f"/jobs/{job.id}/artifacts/adapter", headers=bearer(key))
+    finally:
+        monkeypatch.undo()
+        reset_service_caches()
+
+    assert_error(response, 503, "artifact_store_unavailable")
+
+
 @pytest.mark.parametrize("name", [
     "..", "../adapter", "..%2Fadapter", "%2e%2e%2fadapter", "%2E%2E", "..%5Cadapter",
     "%252e%252e%252fadapter", "adapter%2F..%2F..%2Fsecret", "adapter%00", "adapter.zip",
