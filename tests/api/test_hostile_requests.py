@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
+import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -421,3 +424,57 @@ def test_hostile_request_gets_a_clean_4xx(api_client: TestClient, world: World,
     if case.field is not None:
         assert error.get("field") == case.field, error
     assert _job_count(db_session, world.owner) == before  # nothing was created
+
+
+# --- seeded fuzzing: many more shapes than the cases above, the same promise ----------------
+
+FUZZ_VALUES: list[Any] = [
+    None, True, False, 0, -1, 1, 3, 16, 2**31, 2**63, 10**100, 0.5, -0.0, 1e308, 1e-308, "",
+    "x", "16", "\u0000", "../../etc/passwd", "file:///etc/passwd", "http://127.0.0.1/",
+    "org/model", "a" * 3000, [], [1], ["lora"], ["q_proj"], {}, {"a": "b"}, {"a": None},
+    {"": ""}, [[]], [{}], "hf://datasets/a/b", "s3://bucket/key", "https://[::1]:99999/x",
+    "http://[", "http://a:b@c", "file://", "file:", "~", "/", "\\\\server\\share", "C:\\x",
+]
+FUZZ_FIELDS = [
+    "base_model", "dataset_uri", "rank", "k", "hybrid_rank", "alpha", "dropout",
+    "target_modules", "epochs", "max_steps", "learning_rate", "batch_size",
+    "gradient_accumulation_steps", "max_seq_length", "seed", "checkpoint_every_steps",
+    "validation_uri", "exports", "metadata",
+]
+
+
+def _assert_clean(response: Any) -> None:
+    assert response.status_code < 500, (response.request.url, response.text)
+    if response.status_code >= 400:
+        assert SNAKE_CASE.match(response.json()["error"]["code"]), response.text
+
+
+def test_random_bodies_never_get_a_5xx(api_client: TestClient, world: World) -> None:
+    rng = random.Random(20261201)
+    headers = {"Authorization": f"Bearer {world.key}", "Content-Type": "application/json"}
+    for _ in range(400):
+        body = {"base_model": "org/model", "dataset_uri": world.fill("file://{dataset}"),
+                "rank": 16}
+        for _ in range(rng.randint(1, 4)):
+            body[rng.choice(FUZZ_FIELDS)] = rng.choice(FUZZ_VALUES)
+        response = api_client.post("/jobs", content=json.dumps(body).encode(), headers=headers)
+        _assert_clean(response)
+        if response.status_code == 201:  # stay under the active-job limit
+            api_client.post(f"/jobs/{response.json()['id']}/cancel", headers=headers)
+
+
+def test_random_paths_and_queries_never_get_a_5xx(api_client: TestClient,
+                                                  world: World) -> None:
+    rng = random.Random(1201)
+    alphabet = string.printable + "\u00e9\u202e\u0000\ud7ff"
+    headers = {"Authorization": f"Bearer {world.key}"}
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        part = quote(text, safe="")
+        path = rng.choice([f"/jobs/{part}", f"/jobs/{part}/events", f"/jobs/{part}/cancel",
+                           f"/jobs/{world.job}/artifacts/{part}", f"/jobs/{world.job}/events",
+                           "/jobs"])
+        params = rng.choice([{}, {"after": text}, {"limit": text}, {"status": text},
+                             {"after": text, "limit": text}])
+        method = "POST" if path.endswith("/cancel") else "GET"
+        _assert_clean(api_client.request(method, path, params=params, headers=headers))
