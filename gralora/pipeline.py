@@ -72,6 +72,7 @@ class TrainRequest:
     resume: bool = True  # resume from the latest complete checkpoint if there is one
     sources: SourceOptions = field(default_factory=SourceOptions)
     model_roots: list[Path] | None = None  # None: any local path (CLI); a list: only under these
+    max_dataset_rows: int | None = None  # refuse files with more rows (checked while reading)
     show_progress_bar: bool = False
 
 
@@ -124,14 +125,17 @@ def _load_data(request: TrainRequest, tokenizer: Any, hooks: TrainHooks) -> tupl
     max_len = request.training.max_seq_length
     _emit(hooks, "message", "info", "fetching the dataset", {"uri": request.dataset_uri})
     fetched = fetch_dataset(request.dataset_uri, request.sources)
-    train, report = load_dataset(fetched.path, tokenizer, max_seq_length=max_len)
+    train, report = load_dataset(fetched.path, tokenizer, max_seq_length=max_len,
+                                 max_rows=request.max_dataset_rows)
     info: dict[str, Any] = {"uri": request.dataset_uri, "sha256": fetched.sha256,
                             "size_bytes": fetched.size_bytes, "report": report.to_dict()}
     _emit(hooks, "dataset", "info", f"training data: {report.summary()}", info)
     evaluation = None
     if request.validation_uri:
         fetched_eval = fetch_dataset(request.validation_uri, request.sources)
-        evaluation, eval_report = load_dataset(fetched_eval.path, tokenizer, max_seq_length=max_len)
+        evaluation, eval_report = load_dataset(fetched_eval.path, tokenizer,
+                                               max_seq_length=max_len,
+                                               max_rows=request.max_dataset_rows)
         info["validation"] = {"uri": request.validation_uri, "sha256": fetched_eval.sha256,
                               "report": eval_report.to_dict()}
         _emit(hooks, "dataset", "info", f"validation data: {eval_report.summary()}",

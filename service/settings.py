@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Allow http(s) datasets on private/loopback addresses (tests and air-gapped setups only).
     allow_private_urls: bool = False
     max_dataset_bytes: int = 1 << 30
+    max_dataset_rows: int = 1_000_000
 
     # Leases: a worker owns a running job while it renews its lease.
     lease_seconds: int = 120

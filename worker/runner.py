@@ -232,6 +232,7 @@ def build_train_request(job_id: uuid.UUID, spec: dict[str, Any], settings: Setti
             s3_endpoint_url=settings.s3_endpoint_url,
         ),
         model_roots=settings.resolved_model_roots,
+        max_dataset_rows=settings.max_dataset_rows,
     )
 
 
@@ -361,6 +362,11 @@ def execute_job(job_id: uuid.UUID) -> None:
     except GraloraError as exc:
         _finish(job_id, worker_id, "failed", error=exc.to_dict(), progress=hooks.last_progress)
         logger.info("job %s failed: %s %s", job_id, exc.code, exc.message)
+    except (OperationalError, DBAPIError):
+        # The database stayed down through every retry. Nothing can be recorded now; the
+        # lease expires, the reaper requeues the job and the next attempt resumes from the
+        # latest checkpoint, so finished training is not thrown away as a failure.
+        logger.exception("job %s: database unreachable; leaving it to the reaper", job_id)
     except Exception:
         # The traceback goes to the log only: it can hold paths and data users must not see.
         logger.exception("job %s failed with an unexpected error", job_id)

@@ -193,3 +193,9 @@ def test_k_that_does_not_divide_the_layers_fails_preflight(tiny_model_dir: Path,
     message = caught.value.message
     assert "q_proj (128 in, 128 out)" in message
     assert "Values of k that work with rank 24: 2, 4, 8" in message
+
+
+def test_a_dataset_over_the_row_limit_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidDataset) as caught:
+        run_training(request_for(tiny_model_dir, tmp_path, max_dataset_rows=5))
+    assert "line 6" in caught.value.message and "5" in caught.value.message
