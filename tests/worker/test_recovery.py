@@ -161,3 +161,19 @@ def test_a_redis_restart_mid_job_loses_nothing(
     # The worker reconnected and takes new work from the restarted broker.
     after = submit(max_steps=5)
     assert wait_row(after, lambda s, *_: s in ("succeeded", "failed"))[0] == "succeeded"
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(
+        start_worker: Callable[..., Any], service_model: Path, service_datasets: Path) -> None:
+    from service.db import session_scope
+    from service.jobs import create_job
+
+    with session_scope() as session:
+        # enqueue=False: the row says queued but no message exists, as after a broker wipe.
+        job_id = create_job(session=session, owner="lost-message", enqueue=False,
+                            request=job_body(service_model, service_datasets / "chat.jsonl",
+                                             max_steps=5)).job.id
+    # Stale after 5 leases: 10 s with 2 s leases.
+    start_worker(GRALORA_LEASE_SECONDS="2", GRALORA_REAPER_INTERVAL_SECONDS="1")
+    status, attempt, _ = wait_row(job_id, lambda s, *_: s in ("succeeded", "failed"), timeout=180)
+    assert (status, attempt) == ("succeeded", 1)
