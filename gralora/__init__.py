@@ -1,3 +1,3 @@
-"""GraLoRA training engine: spec -> data -> train -> export. Knows nothing of HTTP, SQL or Celery."""
+"""GraLoRA training engine: spec -> data -> train -> export. No HTTP, SQL or Celery in here."""
 
 __version__ = "0.1.0"

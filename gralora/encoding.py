@@ -73,7 +73,8 @@ def _render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
     return str(text)
 
 
-def chat_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[Span]]:
+def chat_assistant_spans(tokenizer: Any,
+                         messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[Span]]:
     """Render a conversation and return the character spans of its trained assistant turns."""
     text = _render_chat(tokenizer, messages)
     spans: list[Span] = []
@@ -87,7 +88,8 @@ def chat_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) 
         before = _render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render_chat(tokenizer, messages[: i + 1])
         content = str(message.get("content", ""))
-        if i and text.startswith(before) and text.startswith(through) and len(through) > len(before):
+        nested = text.startswith(before) and text.startswith(through)
+        if i and nested and len(through) > len(before):
             start = len(before)
             # The turn's end-of-turn token is learned (the model must learn to stop); the
             # whitespace the template puts after it is not.
@@ -181,7 +183,8 @@ class PaddingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> PaddingCollator:
+    def for_tokenizer(cls, tokenizer: Any,
+                      pad_to_multiple_of: int | None = None) -> PaddingCollator:
         """A collator padding with the tokenizer's pad token (else eos, else 0)."""
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:

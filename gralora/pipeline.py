@@ -55,6 +55,7 @@ class SourceOptions:
     allow_private_urls: bool = True  # the CLI trusts its user; the service sets False
     max_bytes: int = 1 << 30
     s3_endpoint_url: str | None = None
+    s3_buckets: list[str] | None = None  # None: any bucket (CLI); a list: only these
 
 
 @dataclass

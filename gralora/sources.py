@@ -70,12 +70,13 @@ def check_dataset_uri(uri: str, options: SourceOptions, *,
 
     `s3_buckets`, when given, is the only set of buckets s3:// URIs may name.
     """
-    _check(uri, options, s3_buckets)
+    _check(uri, options, _buckets(options, s3_buckets))
 
 
 def fetch_dataset(uri: str, options: SourceOptions, *,
                   s3_buckets: Collection[str] | None = None) -> FetchedFile:
     """Check `uri`, then bring the dataset to a local file (local files are used in place)."""
+    s3_buckets = _buckets(options, s3_buckets)
     scheme = _check(uri, options, s3_buckets)
     if scheme in ("file", ""):
         return _fetch_local(_local_path(uri, scheme, options), uri, options.max_bytes)
@@ -88,6 +89,11 @@ def fetch_dataset(uri: str, options: SourceOptions, *,
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _buckets(options: SourceOptions, s3_buckets: Collection[str] | None) -> Collection[str] | None:
+    """The bucket allowlist: the explicit argument, else the options' own."""
+    return s3_buckets if s3_buckets is not None else options.s3_buckets
 
 
 def _check(uri: str, options: SourceOptions, s3_buckets: Collection[str] | None) -> str:

@@ -1,4 +1,4 @@
-"""Build a tiny Llama-architecture model and byte-level BPE tokenizer offline, for tests and demos."""
+"""Build a tiny Llama model and a byte-level BPE tokenizer offline, for tests and demos."""
 
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     max_dataset_bytes: int = 1 << 30
     max_dataset_rows: int = 1_000_000
+    # Buckets an s3:// dataset may come from (on s3_endpoint_url); empty: s3 datasets refused.
+    dataset_s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Leases: a worker owns a running job while it renews its lease.
     lease_seconds: int = 120
@@ -58,7 +60,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 
-    @field_validator("dataset_roots", "model_roots", "hub_model_allowlist", mode="before")
+    @field_validator("dataset_roots", "model_roots", "hub_model_allowlist", "dataset_s3_buckets",
+                     mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

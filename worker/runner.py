@@ -230,6 +230,7 @@ def build_train_request(job_id: uuid.UUID, spec: dict[str, Any], settings: Setti
             allow_private_urls=settings.allow_private_urls,
             max_bytes=settings.max_dataset_bytes,
             s3_endpoint_url=settings.s3_endpoint_url,
+            s3_buckets=settings.dataset_s3_buckets,
         ),
         model_roots=settings.resolved_model_roots,
         max_dataset_rows=settings.max_dataset_rows,
