@@ -499,9 +499,3 @@ def get_artifact(*, session: Session, job: Job, name: str) -> Artifact | None:
         return None  # no stored artifact has such a name (and Postgres refuses NUL bytes)
     return session.scalar(select(Artifact).where(Artifact.job_id == job.id,
                                                  Artifact.name == name))
-
-
-def count_jobs_by_status(session: Session) -> dict[str, int]:
-    """Number of jobs in each status, all owners."""
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
-    return {status: count for status, count in rows}
