@@ -218,6 +218,7 @@ def source_options(settings: Settings) -> SourceOptions:
         allow_private_urls=settings.allow_private_urls,
         max_bytes=settings.max_dataset_bytes,
         s3_endpoint_url=settings.s3_endpoint_url,
+        s3_buckets=settings.dataset_s3_buckets,
     )
 
 

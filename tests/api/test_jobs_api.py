@@ -184,6 +184,27 @@ def test_metadata_bounds_follow_the_settings(api_client: TestClient, key: str,
     assert submit(api_client, key, request)["metadata"] == {"note": "n" * 800}
 
 
+def test_s3_datasets_only_from_allowed_buckets(api_client: TestClient, key: str,
+                                               body: dict[str, Any],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    request = {**body, "dataset_uri": "s3://team-datasets/chat.jsonl"}
+    try:
+        refused = api_client.post("/jobs", json=request, headers=bearer(key))
+        monkeypatch.setenv("GRALORA_DATASET_S3_BUCKETS", "team-datasets")
+        reset_service_caches()
+        accepted = api_client.post("/jobs", json=request, headers=bearer(key))
+        elsewhere = api_client.post(
+            "/jobs", json={**request, "dataset_uri": "s3://other-bucket/chat.jsonl"},
+            headers=bearer(key))
+    finally:
+        monkeypatch.undo()
+        reset_service_caches()
+
+    assert_error(refused, 422, "dataset_refused", "dataset_uri")
+    assert accepted.status_code == 201, accepted.text
+    assert_error(elsewhere, 422, "dataset_refused", "dataset_uri")
+
+
 def test_unknown_field_is_refused_by_name(api_client: TestClient, key: str,
                                           body: dict[str, Any]) -> None:
     # The typo wins over the missing field it was meant to be.
