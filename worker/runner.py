@@ -26,7 +26,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from gralora.errors import GraloraError, TrainingCancelled
 from gralora.pipeline import (
     Progress,
-    SourceOptions,
     TrainHooks,
     TrainRequest,
     TrainResult,
@@ -44,7 +43,7 @@ from service.job_runs import (
     renew_lease,
     update_spec,
 )
-from service.jobs import check_base_model, check_dataset_uri
+from service.jobs import check_base_model, check_dataset_uri, source_options
 from service.settings import Settings, get_settings
 from service.storage import ArtifactStore, get_artifact_store
 
@@ -224,14 +223,8 @@ def build_train_request(job_id: uuid.UUID, spec: dict[str, Any], settings: Setti
         validation_uri=spec.get("validation_uri"),
         exports=tuple(spec.get("exports") or ()),
         resume=True,
-        sources=SourceOptions(
-            cache_dir=settings.resolved_cache_dir,
-            dataset_roots=settings.resolved_dataset_roots,
-            allow_private_urls=settings.allow_private_urls,
-            max_bytes=settings.max_dataset_bytes,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            s3_buckets=settings.dataset_s3_buckets,
-        ),
+        # The same options the API checked the job with at submit time.
+        sources=source_options(settings),
         model_roots=settings.resolved_model_roots,
         max_dataset_rows=settings.max_dataset_rows,
     )
