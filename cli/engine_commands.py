@@ -36,6 +36,8 @@ def register(subparsers: Any) -> None:
     train.add_argument("--resume", action="store_true",
                        help="resume from the latest complete checkpoint in OUTPUT/checkpoints")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--peft-forward", action="store_true",
+                       help="train with peft's own GraLoRA forward instead of the faster one")
     train.set_defaults(handler=_train)
 
     validate = subparsers.add_parser("validate-data", help="check a JSONL dataset and report")
@@ -95,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
         training=training, output_dir=output, validation_uri=args.validation,
         exports=tuple(e.strip() for e in args.export.split(",") if e.strip()),
         resume=args.resume, sources=SourceOptions(cache_dir=output / ".cache"),
-        show_progress_bar=not args.no_progress,
+        show_progress_bar=not args.no_progress, fast_forward=not args.peft_forward,
     )
     result = run_training(request)
     metrics = result.metrics

@@ -74,6 +74,9 @@ class TrainRequest:
     sources: SourceOptions = field(default_factory=SourceOptions)
     model_roots: list[Path] | None = None  # None: any local path (CLI); a list: only under these
     max_dataset_rows: int | None = None  # refuse files with more rows (checked while reading)
+    # Train through gralora.fast_forward (same parameters and outputs as peft's forward, fewer
+    # activation copies); False keeps peft's own forward.
+    fast_forward: bool = True
     show_progress_bar: bool = False
 
 
@@ -192,6 +195,12 @@ def run_training(request: TrainRequest, hooks: TrainHooks | None = None) -> Trai
 
     set_seed(request.training.seed)  # adapter init (A's kaiming draw) is reproducible
     model = get_peft_model(load_model(request.base_model, roots), adapter.to_peft_config())
+    if request.fast_forward:
+        from gralora.fast_forward import enable_fast_forward
+
+        layers = enable_fast_forward(model)
+        _emit(hooks, "message", "info", f"fast GraLoRA forward on {layers} layers",
+              {"fast_forward_layers": layers})
     checkpoint_dir = Path(request.checkpoint_dir or Path(request.output_dir) / "checkpoints")
     resume_from = latest_complete_checkpoint(checkpoint_dir) if request.resume else None
     outcome = train_adapter(

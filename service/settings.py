@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     max_dataset_bytes: int = 1 << 30
     max_dataset_rows: int = 1_000_000
+    # Train with gralora.fast_forward (same parameters and outputs as peft, faster).
+    fast_forward: bool = True
     # Buckets an s3:// dataset may come from (on s3_endpoint_url); empty: s3 datasets refused.
     dataset_s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

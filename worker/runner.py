@@ -227,6 +227,7 @@ def build_train_request(job_id: uuid.UUID, spec: dict[str, Any], settings: Setti
         sources=source_options(settings),
         model_roots=settings.resolved_model_roots,
         max_dataset_rows=settings.max_dataset_rows,
+        fast_forward=settings.fast_forward,
     )
 
 

@@ -199,3 +199,22 @@ def test_a_dataset_over_the_row_limit_is_refused(tiny_model_dir: Path, tmp_path:
     with pytest.raises(InvalidDataset) as caught:
         run_training(request_for(tiny_model_dir, tmp_path, max_dataset_rows=5))
     assert "line 6" in caught.value.message and "5" in caught.value.message
+
+
+def test_fast_forward_trains_the_same_adapter_as_peft_forward(tiny_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    training = TrainingSpec(max_steps=4, batch_size=4, max_seq_length=64, learning_rate=3e-3,
+                            seed=5)
+    runs = {
+        fast: run_training(request_for(tiny_model_dir, tmp_path / str(fast), training=training,
+                                       exports=(), fast_forward=fast))
+        for fast in (False, True)
+    }
+    peft_weights = adapter_weights(runs[False].adapter_dir)
+    fast_weights = adapter_weights(runs[True].adapter_dir)
+    assert peft_weights.keys() == fast_weights.keys()
+    moved = 0
+    for name, value in peft_weights.items():
+        torch.testing.assert_close(fast_weights[name], value, atol=1e-5, rtol=1e-4)
+        moved += int(value.abs().max() > 0)
+    assert moved  # training changed B from its zero init, so equality means something
