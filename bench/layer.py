@@ -301,6 +301,37 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_ratios(rows: Sequence[dict[str, Any]], path: Path, clock: str) -> None:
+    """Bars of GraLoRA/LoRA step time per (shape, rank, k), peft's forward beside the fast one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys((r["in"], r["out"]) for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.2), squeeze=False)
+    for ax, (in_features, out_features) in zip(axes[0], shapes, strict=True):
+        group = [r for r in rows if (r["in"], r["out"]) == (in_features, out_features)]
+        labels = [f"r{r['rank']}\nk{r['k']}" for r in group]
+        xs = range(len(group))
+        peft = [r[clock]["peft_ms"] / r[clock]["lora_ms"] for r in group]
+        fast = [r[clock]["fast_ms"] / r[clock]["lora_ms"] for r in group]
+        ax.bar([x - 0.2 for x in xs], peft, width=0.4, label="GraLoRA, peft forward")
+        ax.bar([x + 0.2 for x in xs], fast, width=0.4, label="GraLoRA, fast_forward")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(TARGET, color="red", linestyle="--", linewidth=0.8,
+                   label=f"{TARGET:.2f}x target")
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set(title=f"{in_features}x{out_features} (in x out)",
+               ylabel=f"step time / LoRA's ({clock} clock)")
+        ax.set_ylim(0, max(peft + fast + [TARGET]) + 0.2)
+        ax.legend(fontsize=8, ncol=3, loc="upper center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _shape(text: str) -> tuple[int, int]:
     in_features, out_features = (int(v) for v in text.lower().split("x"))
     return in_features, out_features
@@ -326,6 +357,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the time ratios here")
     return parser.parse_args(argv)
 
 
@@ -364,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(verdict(rows))
     print(f"\ntotal {time.monotonic() - started:.0f} s")
+    if args.plot:
+        plot_ratios(rows, args.plot, clock)
     if args.json:
         write_json(args.json, {
             "machine": machine, "device": str(device), "dtype": "float32", "tokens": tokens,

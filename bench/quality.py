@@ -215,6 +215,10 @@ def run_capacity(*, dim: int, ranks: Sequence[int], ks: Sequence[int], targets: 
     return rows
 
 
+def _error_text(value: float) -> str:
+    return f"{value:.4f}" if value >= 1e-4 else f"{value:.0e}"
+
+
 def capacity_table(rows: Sequence[dict[str, Any]]) -> str:
     """Per target and rank: LoRA's error, GraLoRA's per k, and GraLoRA/LoRA."""
     ks = sorted({r["k"] for r in rows if r["method"] == "gralora"})
@@ -226,15 +230,16 @@ def capacity_table(rows: Sequence[dict[str, Any]]) -> str:
         for rank in sorted({r["rank"] for r in rows if r["target"] == kind}):
             group = [r for r in rows if r["target"] == kind and r["rank"] == rank]
             lora = next(r for r in group if r["method"] == "lora")
-            line: list[Any] = [kind, rank, f"{lora['best_rank_r_error']:.4f}",
-                               f"{lora['rel_error']:.4f}"]
+            line: list[Any] = [kind, rank, _error_text(lora["best_rank_r_error"]),
+                               _error_text(lora["rel_error"])]
             for k in ks:
                 gra = next((r for r in group if r["method"] == "gralora" and r["k"] == k), None)
                 if gra is None:
                     line += ["-", "-"]
                 else:
                     ratio = gra["rel_error"] / lora["rel_error"]
-                    line += [f"{gra['rel_error']:.4f}", f"{ratio:.3f}x"]
+                    line += [_error_text(gra["rel_error"]),
+                             f"{ratio:.3f}x" if ratio >= 1e-3 else f"{ratio:.0e}x"]
             out.append(line)
     return format_table(headers, out)
 
@@ -367,8 +372,8 @@ class RealResult:
                 "seconds_per_step": self.seconds_per_step}
 
 
-class _StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, evaluation excluded."""
+class _RunMonitor(TrainerCallback):
+    """Times each optimizer step (evaluation excluded) and prints each held-out loss."""
 
     def __init__(self) -> None:
         self.durations: list[float] = []
@@ -379,6 +384,12 @@ class _StepTimer(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.durations.append(time.perf_counter() - self._t0)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if logs and "eval_loss" in logs:
+            print(f"    step {state.global_step}: held-out loss {logs['eval_loss']:.4f}",
+                  flush=True)
 
     def median_step_seconds(self) -> float:
         return median(self.durations) if self.durations else math.nan
@@ -444,7 +455,7 @@ def train_variant(variant: Variant, settings: RealRunSettings, tokenizer: Any, t
                            variant.peft_config(settings.targets, settings.dropout))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
-        timer = _StepTimer()
+        timer = _RunMonitor()
         trainer = Trainer(model=model, args=_training_arguments(settings, tmp),
                           train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=PaddingCollator.for_tokenizer(tokenizer),
@@ -532,10 +543,15 @@ def plot_capacity(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     kinds = list(dict.fromkeys(r["target"] for r in rows))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
+    cols = min(2, len(kinds))
+    rows_n = (len(kinds) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(kinds):]:
+        ax.set_visible(False)
+    for ax, kind in zip(axes.flat, kinds, strict=False):
         group = [r for r in rows if r["target"] == kind]
         ranks = sorted({r["rank"] for r in group})
         svd = [next(r["best_rank_r_error"] for r in group if r["rank"] == rank) for rank in ranks]
@@ -547,7 +563,9 @@ def plot_capacity(rows: Sequence[dict[str, Any]], path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if name == "LoRA" else "-o",
                     label=name)
         ax.set(title=f"target: {kind}", xlabel="rank (equal parameters)",
-               ylabel="relative error (held-out)", xscale="log")
+               ylabel="relative error (held-out)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -574,12 +592,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--ranks", type=_ints, help="real-model ranks (default 16,64,128)")
     parser.add_argument("--hybrid-ranks", type=_ints, help="ranks also run as hybrid (default 16)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 48)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 40)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, help="default 96")
     parser.add_argument("--lr", type=float, default=4e-4, help="learning rate (paper: 2e-4..4e-4)")
-    parser.add_argument("--eval-examples", type=int, help="held-out examples (default 96)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (steps / 3)")
+    parser.add_argument("--eval-examples", type=int, help="held-out examples (default 64)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (steps / 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--model-cache", type=Path, default=DEFAULT_MODEL_CACHE,
@@ -625,12 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_capacity(rows, args.plots / f"capacity{'_quick' if quick else ''}.png")
 
     if not args.skip_real:
-        from gralora.encoding import encode_records
+        from gralora.encoding import IGNORE_INDEX, encode_records
         from gralora.spec import choose_k
 
-        steps = args.steps or (4 if quick else 48)
+        steps = args.steps or (4 if quick else 40)
         max_len = args.max_seq_length or (48 if quick else 96)
-        n_eval = args.eval_examples or (16 if quick else 96)
+        n_eval = args.eval_examples or (16 if quick else 64)
         ranks = args.ranks or ([8] if quick else [16, 64, 128])
         hybrid_ranks = args.hybrid_ranks if args.hybrid_ranks is not None else (
             [8] if quick else [16])
@@ -662,12 +680,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Records left without an assistant token after truncation are dropped; exactly
             # steps x batch examples remain, so every variant sees each example once.
             train_ds.examples = train_ds.examples[:n_train]
+            train_ds.num_tokens = sum(len(e["input_ids"]) for e in train_ds.examples)
+            train_ds.num_label_tokens = sum(
+                sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in train_ds.examples)
             if len(train_ds) < n_train:
                 raise SystemExit(f"only {len(train_ds)} training examples for {n_train} needed")
             settings = RealRunSettings(model_dir=Path(model_dir), steps=steps,
                                        batch_size=args.batch_size, max_seq_length=max_len,
                                        learning_rate=args.lr,
-                                       eval_every=args.eval_every or max(1, steps // 3),
+                                       eval_every=args.eval_every or max(1, steps // 2),
                                        seed=args.seed,
                                        dropout=0.05)
             variants = real_variants(ranks, hybrid_ranks, lambda r: choose_k(r, sizes))
