@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ class TwoLinears(nn.Module):
 
 
 def _pair(k: int, hybrid: int, dropout: float = 0.0,
-          dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module]:
+          dtype: torch.dtype = torch.float64) -> tuple[Any, Any]:
     """A peft GraLoRA model with random (non-zero) A and B, and a fast copy of it."""
     torch.manual_seed(0)
     config = GraloraConfig(r=RANK, gralora_k=k, hybrid_r=hybrid, alpha=2 * RANK,
