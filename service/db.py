@@ -25,6 +25,9 @@ def make_engine(url: str) -> Engine:
     elif url.startswith("postgresql"):
         # A host that stops answering must turn into a quick error (503), not a hung request.
         kwargs["connect_args"] = {"connect_timeout": 5}
+        # The API runs sync routes on anyio's 40 worker threads: give each a connection, so a
+        # burst of requests never waits on the pool while holding every thread.
+        kwargs.update(pool_size=20, max_overflow=20, pool_timeout=10)
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from service.queue import broker_transport_options
 from service.settings import Settings, get_settings
@@ -50,6 +50,21 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_celery_app()
+
+
+@worker_init.connect
+def _preload_training_libraries(**_: Any) -> None:
+    """Import torch, transformers and peft once in the main process, before the pool forks.
+
+    Every job gets a fresh child (max_tasks_per_child=1); forked from a parent that already
+    imported them, a child starts training seconds sooner (bench/pipeline.py: 8.6 s from
+    submit to first step, 7.6 s of it imports). Importing torch does not initialise CUDA, so
+    children still set up their own GPU context.
+    """
+    import peft  # noqa: F401
+
+    import gralora.pipeline  # noqa: F401
+    import gralora.train  # noqa: F401
 
 
 @worker_process_init.connect
