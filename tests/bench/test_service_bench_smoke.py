@@ -52,7 +52,8 @@ def test_pipeline_quick_trains_the_same_job_through_the_service_and_bare(tmp_pat
     # The same job: same batches, same seed, so the same tokens and the same loss.
     assert service_run["trained_tokens"] == bare_run["trained_tokens"]
     assert abs(service_run["train_loss"] - bare_run["train_loss"]) < 1e-4
-    assert service_run["metrics_events"] == payload["workload"]["steps"]
+    # Metrics events are throttled (one per progress interval), the first and last step kept.
+    assert 2 <= service_run["metrics_events"] <= payload["workload"]["steps"]
     assert _bench_databases() <= before  # its private database was dropped
 
 
