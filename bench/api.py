@@ -45,13 +45,10 @@ from typing import Any
 
 import httpx
 
-try:
-    from bench.common import describe_machine, format_table, machine_summary, median, write_json
-    from bench.service_stack import ServiceStack
-except ModuleNotFoundError:  # run as a script: python bench/api.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import describe_machine, format_table, machine_summary, median, write_json
-    from bench.service_stack import ServiceStack
+# Run as a script (python bench/x.py): the repository root must be importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import describe_machine, format_table, machine_summary, median, write_json
+from bench.service_stack import ServiceStack
 
 LIST_OWNER = "bench-list"
 LOAD_OWNER = "bench-load"

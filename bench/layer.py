@@ -32,23 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-try:
-    from bench.common import (
-        describe_machine,
-        format_table,
-        machine_summary,
-        median,
-        write_json,
-    )
-except ModuleNotFoundError:  # run as a script: python bench/layer.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import (
-        describe_machine,
-        format_table,
-        machine_summary,
-        median,
-        write_json,
-    )
+# Run as a script (python bench/x.py): the repository root must be importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    describe_machine,
+    format_table,
+    machine_summary,
+    median,
+    write_json,
+)
 
 TARGET = 1.10  # the bound on GraLoRA's step time relative to LoRA's at the same rank
 MIB = 2**20

@@ -47,23 +47,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-try:
-    from bench.common import describe_machine, format_table, machine_summary, median, write_json
-    from bench.service_stack import (
-        ManagedProcess,
-        ServiceStack,
-        child_pids,
-        peak_rss_bytes,
-    )
-except ModuleNotFoundError:  # run as a script: python bench/pipeline.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import describe_machine, format_table, machine_summary, median, write_json
-    from bench.service_stack import (
-        ManagedProcess,
-        ServiceStack,
-        child_pids,
-        peak_rss_bytes,
-    )
+# Run as a script (python bench/x.py): the repository root must be importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import describe_machine, format_table, machine_summary, median, write_json
+from bench.service_stack import (
+    ManagedProcess,
+    ServiceStack,
+    child_pids,
+    peak_rss_bytes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.95  # the service's tokens/s must stay within 5% of the bare loop's

@@ -29,23 +29,15 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-try:
-    from bench.common import (
-        describe_machine,
-        format_table,
-        machine_summary,
-        median,
-        write_json,
-    )
-except ModuleNotFoundError:  # run as a script: python bench/quality.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.common import (
-        describe_machine,
-        format_table,
-        machine_summary,
-        median,
-        write_json,
-    )
+# Run as a script (python bench/x.py): the repository root must be importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    describe_machine,
+    format_table,
+    machine_summary,
+    median,
+    write_json,
+)
 
 # Every linear layer of a Llama block's attention and MLP (the paper's targets).
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,48 +27,19 @@ from typing import Any
 
 import httpx
 
+from cli.processes import free_port, gralora_command, stop_process_group
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("GRALORA_BENCH_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432")
 # Database 2: tests use 1; keys are per-run anyway and removed at the end.
 REDIS_URL = os.environ.get("GRALORA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/2")
 READY_TIMEOUT = 120.0
-STOP_GRACE = 10.0
 
 
 def libpq_url(sqlalchemy_url: str) -> str:
     """The same URL without the SQLAlchemy driver suffix (for psycopg.connect)."""
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gralora_command(*args: str) -> list[str]:
-    """The `gralora` console script, run with this interpreter."""
-    return [sys.executable, "-m", "cli.main", *args]
-
-
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> None:
-    """SIGTERM the process group, then SIGKILL what is left (prefork children included)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 def child_pids(pid: int) -> list[int]:

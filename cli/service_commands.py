@@ -190,35 +190,8 @@ def _wait_healthy(url: str, children: list[subprocess.Popen[bytes]], timeout: fl
     return False
 
 
-def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """SIGTERM each child's process group, then SIGKILL what is left after `grace` seconds.
-
-    A job killed mid-training keeps its lease until it expires; the reaper of the next worker
-    then requeues it and it resumes from its latest checkpoint.
-    """
-    for child in children:
-        if child.poll() is None:
-            _signal_group(child, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for child in children:
-        # The group too: the worker's prefork children may outlive their parent.
-        _signal_group(child, signal.SIGKILL)
-        child.wait()
-
-
-def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(child.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from cli.processes import stop_process_groups
     from service.db import reset_caches
     from service.schema import upgrade_to_head
     from service.settings import get_settings
@@ -271,6 +244,6 @@ def _serve(args: argparse.Namespace) -> int:
         print("stopping...", flush=True)
         return 0
     finally:
-        _stop_children(children, SERVE_STOP_GRACE)
+        stop_process_groups(children, SERVE_STOP_GRACE)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from cli.processes import free_port, gralora_command, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 # Short leases so that crash recovery happens within seconds in tests.
@@ -37,36 +37,6 @@ WORKER_TEST_ENV = {
     "GRALORA_PROGRESS_INTERVAL_SECONDS": "0.5",
 }
 READY_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gralora_command(*args: str) -> list[str]:
-    """The `gralora` console script, run with this interpreter."""
-    return [sys.executable, "-m", "cli.main", *args]
-
-
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left (prefork children included)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 class WorkerProcess:

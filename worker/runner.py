@@ -6,7 +6,6 @@ Each state change is its own short transaction; none is held while training.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gralora.errors import GraloraError, TrainingCancelled
+from gralora.export import file_sha256
 from gralora.pipeline import (
     Progress,
     TrainHooks,
@@ -260,15 +260,6 @@ def zip_artifact(source: Path, zip_path: Path) -> str:
 
 def _compression(path: Path) -> int:
     return zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish_artifacts(job_id: uuid.UUID, artifacts: dict[str, Path], store: ArtifactStore,

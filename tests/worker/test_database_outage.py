@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.fixtures_worker import free_port
+from cli.processes import free_port
 from tests.worker.client import JobsClient
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.processes import free_port, gralora_command, stop_process_group
 from gralora.tiny import build_tiny_model
-from tests.fixtures_worker import REPO, free_port, gralora_command, stop_process_group
+from tests.fixtures_worker import REPO
 from tests.worker.client import JobsClient
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from cli.processes import free_port
 from tests.fixtures_db import reset_service_caches
-from tests.fixtures_worker import free_port
 from tests.worker.client import JobsClient
 
 
